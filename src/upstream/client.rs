@@ -1,0 +1,293 @@
+//! The one pooled HTTP client to the CPH endpoint.
+//!
+//! hyper-util's pooled client over hyper-rustls: HTTPS for the real endpoint (webpki and native
+//! roots, plus `upstream.ca_file`), plain HTTP for tests and local fakes, HTTP/2 when the server
+//! offers it in ALPN. `connect_timeout` bounds the TCP connect, `timeout` each attempt, and
+//! `max_body` is enforced while the cached route reads a body, so an oversized answer is cut
+//! off rather than buffered.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::body::Body;
+use crate::cache::entry::Buffered;
+use crate::config::{Endpoint, UpstreamConfig};
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, UpstreamResult};
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1) and are never forwarded either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Why an upstream attempt produced no usable response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(error: UpstreamError) -> Self {
+        match error {
+            UpstreamError::Connect(reason) => ProxyError::UpstreamUnreachable(reason),
+            UpstreamError::Timeout => ProxyError::UpstreamTimeout,
+            UpstreamError::TooLarge { limit } => ProxyError::UpstreamBodyTooLarge { limit },
+            UpstreamError::Protocol(reason) => ProxyError::BadUpstreamResponse(reason),
+        }
+    }
+}
+
+/// Failure to build the client from the config (names the key at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientInitError {
+    #[error("upstream.ca_file: cannot read {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("upstream TLS setup: {0}")]
+    Tls(String),
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    endpoint: Arc<Endpoint>,
+    timeout: Duration,
+    max_body: usize,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<Self, ClientInitError> {
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        // Idle upstream connections are kept for 90 s, under the usual 120 s server-side idle
+        // timeout of cloud load balancers, so a pooled connection is rarely closed under us.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Self {
+            client,
+            endpoint: Arc::new(config.endpoint.clone()),
+            timeout: config.timeout,
+            max_body: config.max_body,
+            metrics,
+        })
+    }
+
+    /// A request to the endpoint for `path_and_query`, carrying the caller's end-to-end headers
+    /// minus `strip` (and minus `Host`: the client sets it to the upstream authority).
+    pub fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        caller_headers: &HeaderMap,
+        strip: &[HeaderName],
+        body: Body,
+    ) -> Result<Request<Body>, ProxyError> {
+        let uri: Uri = format!(
+            "{}://{}{}{}",
+            self.endpoint.scheme.as_str(),
+            self.endpoint.authority,
+            self.endpoint.base_path,
+            path_and_query
+        )
+        .parse()
+        .map_err(|_| ProxyError::MalformedRequest("request target is not a valid URI"))?;
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        *headers = end_to_end(caller_headers);
+        headers.remove(header::HOST);
+        for name in strip {
+            headers.remove(name);
+        }
+        Ok(request)
+    }
+
+    /// One attempt for the cached route: the response read in full, within `upstream.timeout`
+    /// and `upstream.max_body`. Counted in `cph_cache_upstream_requests_total`.
+    pub async fn fetch(&self, request: Request<Body>) -> Result<Buffered, UpstreamError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, self.fetch_once(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout),
+        };
+        let label = match &result {
+            Ok(response) => UpstreamResult::Status(response.status.as_u16()),
+            Err(UpstreamError::Timeout) => UpstreamResult::Timeout,
+            Err(_) => UpstreamResult::Error,
+        };
+        self.metrics
+            .observe_upstream(label, started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn fetch_once(&self, request: Request<Body>) -> Result<Buffered, UpstreamError> {
+        let response = self.client.request(request).await.map_err(classify)?;
+        let (parts, body) = response.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = self.max_body;
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(UpstreamError::TooLarge { limit });
+        }
+        let body: Bytes = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|error| {
+                if error.is::<LengthLimitError>() {
+                    UpstreamError::TooLarge { limit }
+                } else {
+                    UpstreamError::Protocol(format!("reading body: {error}"))
+                }
+            })?
+            .to_bytes();
+        Ok(Buffered {
+            status: parts.status,
+            headers: end_to_end(&parts.headers),
+            body,
+        })
+    }
+
+    /// Forwards a request and returns the response head within `upstream.timeout`; the body is
+    /// streamed to the caller as it arrives (passthrough and cache bypass).
+    pub async fn forward(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut response = tokio::time::timeout(self.timeout, self.client.request(request))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(classify)?;
+        let headers = end_to_end(response.headers());
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
+}
+
+/// A copy of `headers` without hop-by-hop headers, including those named in `Connection`.
+pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if HOP_BY_HOP.contains(name) || header::UPGRADE == name || named.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
+    // The error chain names hosts and io errors, never headers, so it is safe to show.
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if error.is_connect() {
+        UpstreamError::Connect(reason)
+    } else {
+        UpstreamError::Protocol(reason)
+    }
+}
+
+/// Trusted roots: Mozilla's (webpki-roots), the system's, and `ca_file` if set.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientInitError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // A container without a system store is normal; webpki roots cover the public endpoint.
+    let native = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let ca_error = |reason: String| ClientInitError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_error(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_error("no PEM certificates in file".to_owned()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientInitError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_hop_by_hop_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-secret-hop", "1".parse().unwrap());
+        headers.insert("transfer-encoding", "chunked".parse().unwrap());
+        headers.insert("upgrade", "h2c".parse().unwrap());
+        headers.insert("x-auth-token", "t".parse().unwrap());
+        headers.append("accept", "a".parse().unwrap());
+        headers.append("accept", "b".parse().unwrap());
+        let out = end_to_end(&headers);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-auth-token", "accept"]);
+        assert_eq!(out.get_all("accept").iter().count(), 2);
+    }
+}
