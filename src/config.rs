@@ -8,7 +8,7 @@
 //! key and, when the key is in the file, its line, so `cph-cache check` can point at the mistake.
 //!
 //! Line numbers come from `toml::Spanned`: serde errors carry the span of the bad value, and
-//! every raw value that `validate` checks is wrapped in [`At`], which remembers its span.
+//! every raw value that `validate` checks is wrapped in `At`, which remembers its span.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -232,7 +232,7 @@ impl Config {
     pub fn from_toml_str(s: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(s))
             .map_err(|e| deserialize_error(s, &e))?;
-        Check { src: s }.config(raw)
+        Check { src: s }.validate(raw)
     }
 
     /// Reads `path` and parses it with [`Config::from_toml_str`].
@@ -570,7 +570,7 @@ impl Check<'_> {
         })
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
         let auth = self.auth(raw.auth, &server)?;
         let upstream = self.upstream(raw.upstream, auth.mode)?;
@@ -787,6 +787,13 @@ impl Check<'_> {
         let bad = |why: &str| -> Result<Endpoint, ConfigError> {
             self.fail(KEY, raw.span.as_ref(), format!("{s:?}: {why}"))
         };
+        if s.is_empty() {
+            return self.fail(KEY, raw.span.as_ref(), "is empty; it is required");
+        }
+        // `http::Uri` silently drops a fragment; a stray '#' is a mistake worth reporting.
+        if s.contains('#') {
+            return bad("must not have a fragment ('#')");
+        }
         let uri = match s.parse::<http::Uri>() {
             Ok(uri) => uri,
             Err(e) => return bad(&format!("not a URL ({e})")),
@@ -804,6 +811,11 @@ impl Check<'_> {
         }
         if authority.as_str().contains('@') {
             return bad("must not contain user info; credentials belong in [auth]");
+        }
+        // `Authority` keeps a port it cannot read ("h:99999", "h:"); connecting would fail later.
+        let has_port = authority.as_str().len() > authority.host().len();
+        if has_port && authority.port_u16().is_none_or(|p| p == 0) {
+            return bad("has an invalid port");
         }
         if uri.query().is_some() {
             return bad("must not have a query string");
@@ -847,5 +859,625 @@ impl Check<'_> {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[upstream]\nendpoint = \"https://cph.cn-east-3.myhuaweicloud.com\"\n";
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(s)
+    }
+
+    /// `MINIMAL` plus `extra`, so line numbers in `extra` start at 3.
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{MINIMAL}{extra}"))
+    }
+
+    /// Asserts a rejection naming `key` (in the field and in Display) at `line`.
+    #[track_caller]
+    fn rejects(result: Result<Config, ConfigError>, key: &str, line: Option<usize>) -> ConfigError {
+        let err = result.expect_err("config should be rejected");
+        assert_eq!(err.key.as_deref(), Some(key), "{err}");
+        assert_eq!(err.line, line, "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains(&format!("`{key}`")), "{shown}");
+        if let Some(line) = line {
+            assert!(shown.contains(&format!("(line {line})")), "{shown}");
+        }
+        err
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.server,
+            ServerConfig {
+                listen: "127.0.0.1:8080".parse().unwrap(),
+                admin_listen: "127.0.0.1:9090".parse().unwrap(),
+                listen_is_loopback: true,
+                request_timeout: Duration::from_secs(15),
+                shutdown_grace: Duration::from_secs(10),
+                max_header_bytes: 32 * 1024,
+            }
+        );
+        assert_eq!(
+            c.upstream,
+            UpstreamConfig {
+                endpoint: Endpoint {
+                    scheme: Scheme::Https,
+                    authority: "cph.cn-east-3.myhuaweicloud.com".parse().unwrap(),
+                    base_path: String::new(),
+                },
+                connect_timeout: Duration::from_secs(2),
+                timeout: Duration::from_secs(10),
+                retries: 1,
+                max_body: 8 * 1024 * 1024,
+                ca_file: None,
+                passthrough: Passthrough::All,
+            }
+        );
+        assert_eq!(
+            c.auth,
+            AuthConfig {
+                mode: AuthMode::Passthrough,
+                share: Share::Verified,
+                verify_ttl: Duration::from_secs(300),
+                access_key_env: "CPH_ACCESS_KEY".into(),
+                secret_key_env: "CPH_SECRET_KEY".into(),
+                security_token_env: None,
+                client_token_env: None,
+            }
+        );
+        assert_eq!(
+            c.cache,
+            CacheConfig {
+                defaults: Freshness {
+                    ttl: Duration::from_secs(60),
+                    stale_while_revalidate: Duration::from_secs(60),
+                    stale_if_error: Duration::from_secs(3600),
+                    refresh_ahead: 0.8,
+                },
+                max_size: 64 * 1024 * 1024,
+                projects: HashMap::new(),
+            }
+        );
+        assert_eq!(
+            c.log,
+            LogConfig {
+                level: "info".into(),
+                format: LogFormat::Text,
+            }
+        );
+        assert_eq!(
+            c.upstream.endpoint.to_string(),
+            "https://cph.cn-east-3.myhuaweicloud.com"
+        );
+    }
+
+    #[test]
+    fn shipped_config_is_the_spec_example_with_spec_defaults() {
+        let c = parse(include_str!("../config/cph-cache.toml")).unwrap();
+        let defaults = parse(MINIMAL).unwrap();
+        let mut expected = defaults.clone();
+        let project = Freshness {
+            ttl: Duration::from_secs(300),
+            ..defaults.cache.defaults
+        };
+        expected
+            .cache
+            .projects
+            .insert("0123456789abcdef0123456789abcdef".into(), project);
+        assert_eq!(c, expected);
+        assert_eq!(
+            c.cache.freshness("0123456789abcdef0123456789abcdef"),
+            project
+        );
+    }
+
+    #[test]
+    fn demo_config_parses() {
+        let c = parse(include_str!("../config/demo.toml")).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.upstream.endpoint.to_string(), "http://127.0.0.1:1");
+        assert_eq!(c.cache.defaults.ttl, Duration::from_secs(30));
+        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert_eq!(c.log.level, "info");
+    }
+
+    #[test]
+    fn every_key_set_explicitly() {
+        let c = parse(
+            r#"
+[server]
+listen = "0.0.0.0:8443"
+admin_listen = "[::1]:9100"
+request_timeout = "2s 500ms"
+shutdown_grace = "0s"
+max_header_bytes = 65536
+
+[upstream]
+endpoint = "http://fake-cph:8080/prefix/"
+connect_timeout = "250ms"
+timeout = "1s"
+retries = 0
+max_body = "1MB"
+ca_file = "/etc/ssl/private-ca.pem"
+passthrough = "read-only"
+
+[auth]
+mode = "aksk"
+share = "credential"
+verify_ttl = "1m"
+access_key_env = "AK"
+secret_key_env = "SK"
+security_token_env = "TOKEN"
+client_token_env = "CLIENT"
+
+[cache]
+ttl = "5m"
+stale_while_revalidate = "0s"
+stale_if_error = "1d"
+refresh_ahead = 0
+max_size = "1GiB"
+
+[log]
+level = "debug,hyper=warn"
+format = "json"
+"#,
+        )
+        .unwrap();
+        assert!(!c.server.listen_is_loopback);
+        assert_eq!(c.server.admin_listen, "[::1]:9100".parse().unwrap());
+        assert_eq!(c.server.request_timeout, Duration::from_millis(2500));
+        assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.server.max_header_bytes, 65536);
+        let e = &c.upstream.endpoint;
+        assert_eq!(
+            (e.scheme, e.authority.as_str()),
+            (Scheme::Http, "fake-cph:8080")
+        );
+        assert_eq!(e.base_path, "/prefix");
+        assert_eq!(e.to_string(), "http://fake-cph:8080/prefix");
+        assert_eq!(c.upstream.max_body, 1_000_000);
+        assert_eq!(c.upstream.retries, 0);
+        assert_eq!(
+            c.upstream.ca_file,
+            Some(PathBuf::from("/etc/ssl/private-ca.pem"))
+        );
+        assert_eq!(c.upstream.passthrough, Passthrough::ReadOnly);
+        assert_eq!(
+            (c.auth.mode, c.auth.share),
+            (AuthMode::Aksk, Share::Credential)
+        );
+        assert_eq!(c.auth.security_token_env.as_deref(), Some("TOKEN"));
+        assert_eq!(c.auth.client_token_env.as_deref(), Some("CLIENT"));
+        assert_eq!(c.cache.defaults.stale_if_error, Duration::from_secs(86400));
+        assert_eq!(c.cache.defaults.refresh_ahead, 0.0);
+        assert_eq!(c.cache.max_size, 1 << 30);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn passthrough_default_follows_auth_mode() {
+        let aksk = with("[auth]\nmode = \"aksk\"\n").unwrap();
+        assert_eq!(aksk.upstream.passthrough, Passthrough::None);
+        let c = parse(
+            "[upstream]\nendpoint = \"https://h\"\npassthrough = \"all\"\n[auth]\nmode = \"aksk\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.passthrough, Passthrough::All);
+        for (value, expected) in [
+            ("none", Passthrough::None),
+            ("read-only", Passthrough::ReadOnly),
+            ("all", Passthrough::All),
+        ] {
+            let toml = format!("[upstream]\nendpoint = \"https://h\"\npassthrough = \"{value}\"\n");
+            assert_eq!(parse(&toml).unwrap().upstream.passthrough, expected);
+            assert_eq!(expected.as_str(), value);
+        }
+        let bad = parse("[upstream]\nendpoint = \"https://h\"\npassthrough = \"readonly\"\n");
+        let err = rejects(bad, "upstream.passthrough", Some(3));
+        assert!(err.message.contains("read-only"), "{err}");
+    }
+
+    #[test]
+    fn localhost_and_ipv6_listen_addresses() {
+        let c =
+            with("[server]\nlisten = \"localhost:8081\"\nadmin_listen = \"[::1]:0\"\n").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8081".parse().unwrap());
+        assert!(c.server.listen_is_loopback);
+        assert_eq!(c.server.admin_listen, "[::1]:0".parse().unwrap());
+
+        let c = with("[server]\nlisten = \"[::1]:8080\"\n").unwrap();
+        assert!(c.server.listen_is_loopback);
+        let c = with("[server]\nlisten = \"127.1.2.3:8080\"\n").unwrap();
+        assert!(c.server.listen_is_loopback);
+        let c = with("[server]\nlisten = \"[::]:8080\"\n").unwrap();
+        assert!(!c.server.listen_is_loopback);
+
+        for bad in [
+            "localhost",
+            "localhost:http",
+            "example.com:80",
+            "127.0.0.1",
+            "::1:80",
+            "",
+        ] {
+            let toml = format!("[server]\nlisten = \"{bad}\"\n");
+            rejects(with(&toml), "server.listen", Some(4));
+        }
+        let err = rejects(
+            with("[server]\nadmin_listen = \"127.0.0.1:99999\"\n"),
+            "server.admin_listen",
+            Some(4),
+        );
+        assert!(err.message.contains("99999"), "{err}");
+    }
+
+    #[test]
+    fn display_formats() {
+        let err = rejects(
+            with("[server]\nlisten = \"nope\"\n"),
+            "server.listen",
+            Some(4),
+        );
+        assert_eq!(
+            err.to_string(),
+            "config error in `server.listen` (line 4): \"nope\": invalid socket address syntax; \
+             expected IP:port, [IPv6]:port or localhost:port"
+        );
+        let bare = ConfigError {
+            key: None,
+            line: None,
+            message: "boom".into(),
+        };
+        assert_eq!(bare.to_string(), "config error: boom");
+        let syntax = parse("[server\n").unwrap_err();
+        assert_eq!((syntax.key.as_deref(), syntax.line), (None, Some(1)));
+        assert!(!syntax.message.contains('\n'));
+        assert!(
+            syntax.to_string().starts_with("config error (line 1): "),
+            "{syntax}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_full_path() {
+        let err = rejects(
+            with("[server]\nlisen = \"127.0.0.1:1\"\n"),
+            "server.lisen",
+            Some(4),
+        );
+        assert!(err.message.contains("lisen"), "{err}");
+        rejects(with("[upstreams]\n"), "upstreams", Some(3));
+        rejects(with("[log]\nlevels = \"info\"\n"), "log.levels", Some(4));
+        rejects(
+            with("[auth]\nmode = \"aksk\"\nsecret = \"x\"\n"),
+            "auth.secret",
+            Some(5),
+        );
+        rejects(
+            with("[cache.projects.abc]\nttl = \"1s\"\nmax_size = \"1MiB\"\n"),
+            "cache.projects.abc.max_size",
+            Some(5),
+        );
+        rejects(parse("endpoint = \"https://h\"\n"), "endpoint", Some(1));
+    }
+
+    #[test]
+    fn bad_durations() {
+        let err = rejects(
+            with("[server]\nrequest_timeout = \"5 parsecs\"\n"),
+            "server.request_timeout",
+            Some(4),
+        );
+        assert!(err.message.contains("parsecs"), "{err}");
+        rejects(with("[cache]\nttl = 60\n"), "cache.ttl", Some(4));
+        rejects(
+            with("[auth]\nverify_ttl = \"-5s\"\n"),
+            "auth.verify_ttl",
+            Some(4),
+        );
+        rejects(
+            with("[cache]\nstale_if_error = \"100years\"\n"),
+            "cache.stale_if_error",
+            Some(4),
+        );
+        rejects(
+            with("[cache.projects.p1]\nstale_while_revalidate = \"soon\"\n"),
+            "cache.projects.p1.stale_while_revalidate",
+            Some(4),
+        );
+    }
+
+    #[test]
+    fn zero_timeouts_and_ttls_are_rejected() {
+        for (table, key) in [
+            ("server", "request_timeout"),
+            ("upstream", "connect_timeout"),
+            ("upstream", "timeout"),
+            ("cache", "ttl"),
+        ] {
+            // TOML forbids reopening [upstream], so its keys go right after the endpoint.
+            let toml = if table == "upstream" {
+                format!("[upstream]\nendpoint = \"https://h\"\n{key} = \"0s\"\n")
+            } else {
+                format!("{MINIMAL}[{table}]\n{key} = \"0ms\"\n")
+            };
+            let line = if table == "upstream" { 3 } else { 4 };
+            let err = rejects(parse(&toml), &format!("{table}.{key}"), Some(line));
+            assert!(err.message.contains("greater than 0"), "{err}");
+        }
+        rejects(
+            with("[cache.projects.p1]\nttl = \"0s\"\n"),
+            "cache.projects.p1.ttl",
+            Some(4),
+        );
+        // Zero is meaningful for these.
+        with("[server]\nshutdown_grace = \"0s\"\n[auth]\nverify_ttl = \"0s\"\n").unwrap();
+        with("[cache]\nstale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\n").unwrap();
+    }
+
+    #[test]
+    fn bad_sizes() {
+        let err = rejects(
+            with("[cache]\nmax_size = \"64 MiBs\"\n"),
+            "cache.max_size",
+            Some(4),
+        );
+        assert!(err.message.contains("64 MiBs"), "{err}");
+        let err = rejects(with("[cache]\nmax_size = -1\n"), "cache.max_size", Some(4));
+        assert!(err.message.contains("negative"), "{err}");
+        rejects(
+            with("[cache]\nmax_size = \"-5MiB\"\n"),
+            "cache.max_size",
+            Some(4),
+        );
+        rejects(with("[cache]\nmax_size = 0\n"), "cache.max_size", Some(4));
+        rejects(with("[cache]\nmax_size = 1.5\n"), "cache.max_size", Some(4));
+        let err = rejects(
+            with("[server]\nmax_header_bytes = \"1023B\"\n"),
+            "server.max_header_bytes",
+            Some(4),
+        );
+        assert!(err.message.contains("1.0 KiB"), "{err}");
+        assert_eq!(
+            with("[server]\nmax_header_bytes = \"1KiB\"\n")
+                .unwrap()
+                .server
+                .max_header_bytes,
+            1024
+        );
+        rejects(
+            parse("[upstream]\nendpoint = \"https://h\"\nmax_body = \"0B\"\n"),
+            "upstream.max_body",
+            Some(3),
+        );
+    }
+
+    #[test]
+    fn endpoint_rules() {
+        let err = rejects(parse(""), "upstream.endpoint", None);
+        assert!(err.message.contains("required"), "{err}");
+        rejects(
+            parse("[upstream]\nretries = 2\n"),
+            "upstream.endpoint",
+            None,
+        );
+        for bad in [
+            "",
+            "cph.cn-east-3.myhuaweicloud.com",
+            "ftp://cph.example.com",
+            "https://",
+            "https:///path",
+            "https://cph.example.com/?region=x",
+            "https://user:pw@cph.example.com",
+            "https://cph example.com",
+            "https://cph.example.com#frag",
+            "https://cph.example.com:99999",
+            "https://cph.example.com:",
+            "https://cph.example.com:0",
+            "/v1/x",
+        ] {
+            let toml = format!("[upstream]\nendpoint = \"{bad}\"\n");
+            rejects(parse(&toml), "upstream.endpoint", Some(2));
+        }
+        let ok = |s: &str| {
+            parse(&format!("[upstream]\nendpoint = \"{s}\"\n"))
+                .unwrap()
+                .upstream
+                .endpoint
+        };
+        assert_eq!(ok("https://cph.example.com/").base_path, "");
+        assert_eq!(ok("HTTPS://cph.example.com").scheme, Scheme::Https);
+        assert_eq!(
+            ok("http://[::1]:8080/a/b/").to_string(),
+            "http://[::1]:8080/a/b"
+        );
+        assert_eq!(ok("http://127.0.0.1:1").authority.port_u16(), Some(1));
+        assert_eq!(ok("http://[::1]").authority.host(), "[::1]");
+    }
+
+    #[test]
+    fn refresh_ahead_range() {
+        for bad in ["1.0", "1", "-0.1", "nan", "inf"] {
+            let toml = format!("[cache]\nrefresh_ahead = {bad}\n");
+            rejects(with(&toml), "cache.refresh_ahead", Some(4));
+        }
+        rejects(
+            with("[cache.projects.p1]\nrefresh_ahead = 1.5\n"),
+            "cache.projects.p1.refresh_ahead",
+            Some(4),
+        );
+        assert_eq!(
+            with("[cache]\nrefresh_ahead = 0.99\n")
+                .unwrap()
+                .cache
+                .defaults
+                .refresh_ahead,
+            0.99
+        );
+    }
+
+    #[test]
+    fn auth_rules() {
+        rejects(with("[auth]\nmode = \"sigv4\"\n"), "auth.mode", Some(4));
+        rejects(
+            with("[auth]\nshare = \"everyone\"\n"),
+            "auth.share",
+            Some(4),
+        );
+        let err = rejects(
+            with("[auth]\nmode = \"aksk\"\naccess_key_env = \"\"\n"),
+            "auth.access_key_env",
+            Some(5),
+        );
+        assert!(err.message.contains("aksk"), "{err}");
+        rejects(
+            with("[auth]\nmode = \"aksk\"\nsecret_key_env = \"\"\n"),
+            "auth.secret_key_env",
+            Some(5),
+        );
+        // Unused in passthrough mode, so an empty name is harmless there.
+        with("[auth]\naccess_key_env = \"\"\n").unwrap();
+        // A pasted secret is not a variable name.
+        let err = rejects(
+            with("[auth]\nsecret_key_env = \"CPH_SECRET_KEY=abc\"\n"),
+            "auth.secret_key_env",
+            Some(4),
+        );
+        assert!(!err.message.contains("abc"), "{err}");
+
+        let c = with("[auth]\nsecurity_token_env = \"\"\nclient_token_env = \"\"\n").unwrap();
+        assert_eq!(
+            (c.auth.security_token_env, c.auth.client_token_env),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn aksk_on_a_public_listener_needs_a_client_token() {
+        let public = "[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\nmode = \"aksk\"\n";
+        let err = rejects(with(public), "auth.client_token_env", None);
+        assert!(err.message.contains("server.listen"), "{err}");
+        let err = rejects(
+            with(&format!("{public}client_token_env = \"\"\n")),
+            "auth.client_token_env",
+            Some(7),
+        );
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        let ok = with(&format!("{public}client_token_env = \"CPH_CACHE_TOKEN\"\n")).unwrap();
+        assert_eq!(ok.auth.client_token_env.as_deref(), Some("CPH_CACHE_TOKEN"));
+        for loopback in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+            with(&format!(
+                "[server]\nlisten = \"{loopback}\"\n[auth]\nmode = \"aksk\"\n"
+            ))
+            .unwrap();
+        }
+        // Passthrough mode forwards callers' own credentials: any listener is fine.
+        with("[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+    }
+
+    #[test]
+    fn log_rules() {
+        assert_eq!(
+            with("[log]\nlevel = \"DEBUG\"\n").unwrap().log.level,
+            "DEBUG"
+        );
+        with("[log]\nlevel = \"cph_cache=trace\"\n").unwrap();
+        rejects(with("[log]\nlevel = \"inof\"\n"), "log.level", Some(4));
+        rejects(with("[log]\nlevel = \"\"\n"), "log.level", Some(4));
+        rejects(
+            with("[log]\nlevel = \"info,hyper=loud\"\n"),
+            "log.level",
+            Some(4),
+        );
+        rejects(with("[log]\nformat = \"yaml\"\n"), "log.format", Some(4));
+    }
+
+    #[test]
+    fn project_overrides_fall_back_to_cache_values() {
+        let c = with(
+            r#"[cache]
+ttl = "2m"
+stale_if_error = "10m"
+refresh_ahead = 0.5
+[cache.projects."0123456789abcdef0123456789abcdef"]
+ttl = "5m"
+refresh_ahead = 0
+[cache.projects.other_project-2]
+stale_while_revalidate = "1s"
+"#,
+        )
+        .unwrap();
+        let defaults = Freshness {
+            ttl: Duration::from_secs(120),
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(600),
+            refresh_ahead: 0.5,
+        };
+        assert_eq!(c.cache.defaults, defaults);
+        assert_eq!(
+            c.cache.freshness("0123456789abcdef0123456789abcdef"),
+            Freshness {
+                ttl: Duration::from_secs(300),
+                refresh_ahead: 0.0,
+                ..defaults
+            }
+        );
+        assert_eq!(
+            c.cache.freshness("other_project-2"),
+            Freshness {
+                stale_while_revalidate: Duration::from_secs(1),
+                ..defaults
+            }
+        );
+        assert_eq!(c.cache.freshness("unknown"), defaults);
+
+        // Dotted keys and inline tables are the same TOML.
+        let dotted = with("[cache]\nprojects.p1.ttl = \"7s\"\n").unwrap();
+        assert_eq!(dotted.cache.freshness("p1").ttl, Duration::from_secs(7));
+        let inline = with("[cache]\nprojects = { p1 = { ttl = \"7s\" } }\n").unwrap();
+        assert_eq!(inline.cache, dotted.cache);
+    }
+
+    #[test]
+    fn project_ids_must_be_valid() {
+        for bad in ["..", "a/b", "a b", "", &"a".repeat(65)] {
+            let toml = format!("[cache.projects.\"{bad}\"]\nttl = \"5m\"\n");
+            let err = rejects(with(&toml), "cache.projects", Some(3));
+            assert!(err.message.contains("project id"), "{err}");
+        }
+        rejects(
+            with("[cache]\nprojects = { \"x.y\" = { ttl = \"1s\" } }\n"),
+            "cache.projects",
+            Some(4),
+        );
+        with(&format!("[cache.projects.\"{}\"]\n", "a".repeat(64))).unwrap();
+    }
+
+    #[test]
+    fn load_names_the_path() {
+        let path = Path::new("/nonexistent/cph-cache-test.toml");
+        let err = Config::load(path).unwrap_err();
+        assert_eq!((err.key.as_deref(), err.line), (None, None));
+        assert!(
+            err.to_string().contains("/nonexistent/cph-cache-test.toml"),
+            "{err}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("cph-cache-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ok.toml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        let loaded = Config::load(&file);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.unwrap(), parse(MINIMAL).unwrap());
     }
 }
