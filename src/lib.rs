@@ -34,6 +34,7 @@ use crate::admin::Admin;
 use crate::body::Body;
 use crate::cache::store::Store;
 pub use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Settings};
 use crate::server::Handler;
@@ -161,7 +162,13 @@ impl Reloader {
                 "server.admin_listen",
                 old.server.admin_listen != new.server.admin_listen,
             ),
-            ("upstream", old.upstream != new.upstream),
+            (
+                "upstream (other than passthrough)",
+                old.upstream != UpstreamConfig {
+                    passthrough: old.upstream.passthrough,
+                    ..new.upstream.clone()
+                },
+            ),
             ("auth", old.auth != new.auth),
             ("cache.max_size", old.cache.max_size != new.cache.max_size),
         ];
@@ -173,9 +180,7 @@ impl Reloader {
                 );
             }
         }
-        let mut settings = Settings::from_config(new);
-        settings.passthrough = old.upstream.passthrough;
-        self.proxy.reload(settings);
+        self.proxy.reload(Settings::from_config(new));
         tracing::info!("config reloaded");
     }
 }
