@@ -986,7 +986,7 @@ mod tests {
         assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.upstream.endpoint.to_string(), "http://127.0.0.1:1");
         assert_eq!(c.cache.defaults.ttl, Duration::from_secs(30));
-        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert_eq!(c.auth.mode, AuthMode::Aksk);
         assert_eq!(c.log.level, "info");
     }
 

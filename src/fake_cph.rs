@@ -73,6 +73,13 @@ pub enum AuthCheck {
     /// (None = every project). Missing or unknown token -> 401 with error_code "APIGW.0301";
     /// known token but project not allowed -> 403 "CPS.0001".
     Tokens(HashMap<String, Option<HashSet<String>>>),
+    /// Requests must be signed with SDK-HMAC-SHA256 by this access key and secret key (as the
+    /// real API gateway checks them, via [`crate::upstream::sign::verify`]): a bad or missing
+    /// signature -> 401 "APIGW.0301", more than 15 minutes of clock skew -> 401 "APIGW.0303".
+    AkSk {
+        access_key: String,
+        secret_key: String,
+    },
 }
 
 /// One request as the fake received it, body included.
@@ -407,7 +414,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Dropp
     }
 
     if let Some(project) = v1_project(&path) {
-        let denied = check_auth(&lock(&state.knobs).auth, token.as_deref(), project);
+        let auth = lock(&state.knobs).auth.clone();
+        let denied = match &auth {
+            AuthCheck::AkSk {
+                access_key,
+                secret_key,
+            } => check_signature(&parts, &body, access_key, secret_key),
+            _ => check_auth(&auth, token.as_deref(), project),
+        };
         if let Some(resp) = denied {
             return Ok(resp);
         }
@@ -491,6 +505,30 @@ fn images_route_project(path: &str) -> Option<&str> {
 fn v1_project(path: &str) -> Option<&str> {
     let (project, _rest) = path.strip_prefix("/v1/")?.split_once('/')?;
     (!project.is_empty()).then_some(project)
+}
+
+fn check_signature(
+    parts: &http::request::Parts,
+    body: &[u8],
+    access_key: &str,
+    secret_key: &str,
+) -> Option<Resp> {
+    let lookup = |ak: &str| (ak == access_key).then(|| secret_key.as_bytes().to_vec());
+    let verified = crate::upstream::sign::verify(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        body,
+        lookup,
+        std::time::SystemTime::now(),
+        crate::upstream::sign::MAX_SKEW,
+    );
+    let error = verified.err()?;
+    Some(error_response(
+        StatusCode::UNAUTHORIZED,
+        error.apigw_code(),
+        &format!("Incorrect IAM authentication information: {error}"),
+    ))
 }
 
 fn check_auth(auth: &AuthCheck, token: Option<&str>, project: &str) -> Option<Resp> {

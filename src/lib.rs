@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::Admin;
+pub use crate::auth::Secrets;
 use crate::body::Body;
 use crate::cache::store::Store;
 pub use crate::config::Config;
@@ -85,12 +86,15 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, registry: Registry) -> Result<Self, StartError> {
+    /// `secrets` are resolved by the caller ([`Secrets::from_env`] in the binary) so that a
+    /// missing variable is reported as a config error before anything starts.
+    pub fn new(config: Config, secrets: Secrets, registry: Registry) -> Result<Self, StartError> {
         let metrics = Metrics::register(&registry)?;
         let store = Arc::new(Store::new(config.cache.max_size, metrics.clone()));
-        let upstream = Upstream::new(&config.upstream, metrics.clone())?;
+        let upstream = Upstream::new(&config.upstream, secrets.signing.clone(), metrics.clone())?;
         let proxy = Arc::new(Proxy::new(
-            Settings::from_config(&config),
+            &config,
+            &secrets,
             store,
             upstream,
             metrics.clone(),
@@ -164,10 +168,11 @@ impl Reloader {
             ),
             (
                 "upstream (other than passthrough)",
-                old.upstream != UpstreamConfig {
-                    passthrough: old.upstream.passthrough,
-                    ..new.upstream.clone()
-                },
+                old.upstream
+                    != UpstreamConfig {
+                        passthrough: old.upstream.passthrough,
+                        ..new.upstream.clone()
+                    },
             ),
             ("auth", old.auth != new.auth),
             ("cache.max_size", old.cache.max_size != new.cache.max_size),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cph_cache::{App, Config, Listeners, telemetry};
+use cph_cache::{App, Config, Listeners, Secrets, telemetry};
 use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -97,10 +97,17 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let secrets = match Secrets::from_env(&config.auth) {
+        Ok(secrets) => secrets,
+        Err(error) => {
+            eprintln!("cph-cache: {error}");
+            return ExitCode::from(2);
+        }
+    };
     telemetry::init(&config.log);
     let started = async {
         let listeners = Listeners::bind(&config).await?;
-        let app = App::new(config.clone(), Registry::new())?;
+        let app = App::new(config.clone(), secrets, Registry::new())?;
         anyhow::Ok((listeners, app))
     };
     let (listeners, app) = match started.await {

@@ -22,11 +22,32 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::cache::entry::Buffered;
 use crate::config::{Endpoint, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, UpstreamResult};
+use crate::upstream::sign;
+
+/// Caller headers dropped in aksk mode: the caller's own credentials and signing headers, which
+/// would either leak to CPH or clash with our signature.
+const CALLER_CREDENTIALS: [&str; 6] = [
+    "x-auth-token",
+    "authorization",
+    "x-security-token",
+    "x-sdk-date",
+    "x-project-id",
+    "x-sdk-content-sha256",
+];
+
+/// A request body to send upstream.
+pub enum Payload {
+    Empty,
+    /// Read in full, so that it can be signed.
+    Buffered(Bytes),
+    /// Streamed as it arrives; only in passthrough auth mode (it cannot be signed).
+    Stream(Incoming),
+}
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and are never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -77,13 +98,19 @@ pub enum ClientInitError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     endpoint: Arc<Endpoint>,
+    /// aksk mode: every request is signed with these.
+    signing: Option<Arc<sign::Credentials>>,
     timeout: Duration,
     max_body: usize,
     metrics: Metrics,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<Self, ClientInitError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        signing: Option<sign::Credentials>,
+        metrics: Metrics,
+    ) -> Result<Self, ClientInitError> {
         let tls = tls_config(config.ca_file.as_deref())?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -102,21 +129,32 @@ impl Upstream {
         Ok(Self {
             client,
             endpoint: Arc::new(config.endpoint.clone()),
+            signing: signing.map(Arc::new),
             timeout: config.timeout,
             max_body: config.max_body,
             metrics,
         })
     }
 
+    /// Whether requests are signed with our AK/SK (aksk mode); their bodies must be buffered.
+    pub fn signs(&self) -> bool {
+        self.signing.is_some()
+    }
+
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// A request to the endpoint for `path_and_query`, carrying the caller's end-to-end headers
-    /// minus `strip` (and minus `Host`: the client sets it to the upstream authority).
+    /// minus `strip` (and minus `Host`: the client sets it to the upstream authority). In aksk
+    /// mode the caller's credentials are dropped and the request is signed, dated now.
     pub fn request(
         &self,
         method: Method,
         path_and_query: &str,
         caller_headers: &HeaderMap,
         strip: &[HeaderName],
-        body: Body,
+        payload: Payload,
     ) -> Result<Request<Body>, ProxyError> {
         let uri: Uri = format!(
             "{}://{}{}{}",
@@ -127,15 +165,48 @@ impl Upstream {
         )
         .parse()
         .map_err(|_| ProxyError::MalformedRequest("request target is not a valid URI"))?;
-        let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        let headers = request.headers_mut();
-        *headers = end_to_end(caller_headers);
+        let mut headers = end_to_end(caller_headers);
         headers.remove(header::HOST);
         for name in strip {
             headers.remove(name);
         }
+        let body = match &self.signing {
+            None => match payload {
+                Payload::Empty => body::empty(),
+                Payload::Buffered(bytes) => body::full(bytes),
+                Payload::Stream(incoming) => body::streaming(incoming),
+            },
+            Some(credentials) => {
+                for name in CALLER_CREDENTIALS {
+                    headers.remove(name);
+                }
+                let bytes = match payload {
+                    Payload::Empty => Bytes::new(),
+                    Payload::Buffered(bytes) => bytes,
+                    Payload::Stream(_) => {
+                        return Err(ProxyError::MalformedRequest(
+                            "a streamed body cannot be signed",
+                        ));
+                    }
+                };
+                let project = project_of(path_and_query);
+                credentials
+                    .sign(
+                        &method,
+                        &uri,
+                        &mut headers,
+                        &bytes,
+                        project,
+                        std::time::SystemTime::now(),
+                    )
+                    .map_err(|_| ProxyError::MalformedRequest("request cannot be signed"))?;
+                body::full(bytes)
+            }
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
         Ok(request)
     }
 
@@ -201,6 +272,12 @@ impl Upstream {
         *response.headers_mut() = headers;
         Ok(response)
     }
+}
+
+/// The project of a `/v1/{project_id}/...` path, sent as `X-Project-Id` when signing.
+fn project_of(path_and_query: &str) -> Option<&str> {
+    let (project, _) = path_and_query.strip_prefix("/v1/")?.split_once('/')?;
+    (!project.is_empty()).then_some(project)
 }
 
 /// A copy of `headers` without hop-by-hop headers, including those named in `Connection`.

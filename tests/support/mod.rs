@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cph_cache::fake_cph::FakeCph;
-use cph_cache::{App, Config, Listeners};
+use cph_cache::{App, Config, Listeners, Secrets};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -83,13 +83,17 @@ impl Harness {
     }
 
     pub async fn start_with(fake: FakeCph, config: Config) -> Harness {
+        Self::start_with_secrets(fake, config, Secrets::default()).await
+    }
+
+    pub async fn start_with_secrets(fake: FakeCph, config: Config, secrets: Secrets) -> Harness {
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let proxy = listeners.proxy.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
-        let app = App::new(config, Registry::new()).unwrap();
+        let app = App::new(config, secrets, Registry::new()).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.serve(listeners, async {
             let _ = rx.await;
