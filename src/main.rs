@@ -118,9 +118,14 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let bound = |listener: &tokio::net::TcpListener| {
+        listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |addr| addr.to_string())
+    };
     tracing::info!(
-        listen = %config.server.listen,
-        admin_listen = %config.server.admin_listen,
+        listen = %bound(&listeners.proxy),
+        admin_listen = %bound(&listeners.admin),
         upstream = %config.upstream.endpoint,
         "cph-cache {} serving",
         env!("CARGO_PKG_VERSION")
