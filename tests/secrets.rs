@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cph_cache::fake_cph::{AuthCheck, FakeCph};
+use cph_cache::fake_cph::AuthCheck;
 use http::Method;
 use support::*;
 
