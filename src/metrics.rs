@@ -26,6 +26,15 @@ pub enum EvictionCause {
     Purged,
 }
 
+/// Why a background refresh started (`cph_cache_refreshes_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshReason {
+    /// A hit at age >= refresh_ahead × ttl.
+    Ahead,
+    /// A stale entry served within stale-while-revalidate.
+    Stale,
+}
+
 /// The outcome of one upstream attempt (`cph_cache_upstream_requests_total{code}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamResult {
@@ -42,6 +51,8 @@ pub struct Metrics {
     upstream_requests: IntCounterVec,
     upstream_duration: Histogram,
     refreshes: IntCounterVec,
+    upstream_retries: IntCounter,
+    content_changes: IntCounter,
     entries: IntGauge,
     size_bytes: IntGauge,
     evictions: [IntCounter; 3],
@@ -90,6 +101,14 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let upstream_retries = IntCounter::new(
+            "cph_cache_upstream_retries_total",
+            "Upstream attempts that were retries of a failed attempt.",
+        )?;
+        let content_changes = IntCounter::new(
+            "cph_cache_content_changes_total",
+            "Refreshes whose image list differed from the one they replaced (a new ETag).",
+        )?;
         let entries = IntGauge::new("cph_cache_entries", "Entries in the cache.")?;
         let size_bytes = IntGauge::new(
             "cph_cache_size_bytes",
@@ -123,6 +142,8 @@ impl Metrics {
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(refreshes.clone()))?;
+        registry.register(Box::new(upstream_retries.clone()))?;
+        registry.register(Box::new(content_changes.clone()))?;
         registry.register(Box::new(entries.clone()))?;
         registry.register(Box::new(size_bytes.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
@@ -141,6 +162,8 @@ impl Metrics {
             upstream_requests,
             upstream_duration,
             refreshes,
+            upstream_retries,
+            content_changes,
             entries,
             size_bytes,
             evictions: ["size", "expired", "purged"].map(|c| evictions.with_label_values(&[c])),
@@ -166,8 +189,20 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_refresh(&self, reason: &'static str) {
+    pub fn record_refresh(&self, reason: RefreshReason) {
+        let reason = match reason {
+            RefreshReason::Ahead => "ahead",
+            RefreshReason::Stale => "stale",
+        };
         self.refreshes.with_label_values(&[reason]).inc();
+    }
+
+    pub fn record_retry(&self) {
+        self.upstream_retries.inc();
+    }
+
+    pub fn record_content_change(&self) {
+        self.content_changes.inc();
     }
 
     pub fn record_eviction(&self, cause: EvictionCause) {

@@ -26,14 +26,14 @@ use crate::auth::{
     ClientToken, Credential, CredentialHash, CredentialHasher, Secrets, VerifiedCredentials,
 };
 use crate::body::Body;
-use crate::cache::entry::{Buffered, CACHE_STATUS, Entry};
-use crate::cache::flight::{Flights, Role};
+use crate::cache::entry::{Buffered, CACHE_STATUS, Entry, Staleness};
+use crate::cache::flight::{Flight, Flights, Role};
 use crate::cache::key::{CacheKey, CredentialScope, NormalizedQuery, ProjectId};
 use crate::cache::outcome::CacheOutcome;
 use crate::cache::store::{Epoch, Store};
 use crate::config::{AuthMode, CacheConfig, Config, Passthrough, Share};
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, UpstreamResult};
+use crate::metrics::{Metrics, RefreshReason, UpstreamResult};
 use crate::route::{self, Route};
 use crate::upstream::Upstream;
 use crate::upstream::client::Payload;
@@ -198,9 +198,12 @@ impl Proxy {
         match route {
             Route::Images { project, query } => {
                 let started = Instant::now();
-                let answer = self.images(request, project, query, &settings);
+                let deadline = started + settings.request_timeout;
+                let answer = self.images(request, project, query, &settings, deadline);
+                // The fill's own waits end at the same deadline and serve stale when they can;
+                // this bounds everything else (a bypass, a slow lookup).
                 let (outcome, response) =
-                    match tokio::time::timeout(settings.request_timeout, answer).await {
+                    match tokio::time::timeout_at(deadline.into(), answer).await {
                         Ok(answered) => answered,
                         Err(_) => error_outcome(&ProxyError::RequestTimeout, false),
                     };
@@ -243,15 +246,20 @@ impl Proxy {
         project: ProjectId,
         query: NormalizedQuery,
         settings: &Settings,
+        deadline: Instant,
     ) -> (CacheOutcome, Response<Body>) {
         let access = self.access(request.headers(), &project);
         if access == Access::Bypass {
             return self.bypass(request).await;
         }
-        if let Some(answered) = self
-            .cached(&request, &project, &query, access, settings)
-            .await
-        {
+        let lookup = Lookup {
+            project: &project,
+            query: &query,
+            headers: request.headers(),
+            settings,
+            deadline,
+        };
+        if let Some(answered) = self.cached(&lookup, access).await {
             return answered;
         }
         // A verified caller waited on someone else's fill, which upstream refused: that answer
@@ -260,65 +268,74 @@ impl Proxy {
             Access::Verified(hash) => Access::Unverified(hash),
             other => other,
         };
-        self.cached(&request, &project, &query, own, settings)
-            .await
-            .unwrap_or_else(|| {
-                error_outcome(&ProxyError::BadUpstreamResponse("refused".into()), false)
-            })
+        self.cached(&lookup, own).await.unwrap_or_else(|| {
+            error_outcome(&ProxyError::BadUpstreamResponse("refused".into()), false)
+        })
     }
 
     /// Serves `access` from the cache or through its single flight; `None` when a verified
     /// caller's shared flight was refused upstream (the refusal was about another credential).
+    ///
+    /// Freshness is judged here, with the current config: fresh entries are hits (old ones
+    /// also start a refresh ahead of expiry), entries within stale-while-revalidate are served
+    /// at once while a background refresh runs, and entries within stale-if-error are what the
+    /// caller gets if the upstream attempt fails.
     async fn cached(
         self: &Arc<Self>,
-        request: &Request<Incoming>,
-        project: &ProjectId,
-        query: &NormalizedQuery,
+        lookup: &Lookup<'_>,
         access: Access,
-        settings: &Settings,
     ) -> Option<(CacheOutcome, Response<Body>)> {
-        let key_for = |scope| CacheKey {
-            project: project.clone(),
-            query: query.clone(),
-            scope,
-        };
-        let freshness = settings.cache.freshness(project.as_str());
-        let if_none_match = request.headers().get(header::IF_NONE_MATCH);
-
+        let freshness = lookup.settings.cache.freshness(lookup.project.as_str());
+        let if_none_match = lookup.headers.get(header::IF_NONE_MATCH);
+        let mut fallback = None;
         if let Some(scope) = access.readable()
-            && let Some(entry) = self.store.get(&key_for(scope)).await
-            && entry.age() < freshness.ttl
+            && let Some(entry) = self.store.get(&lookup.key(scope)).await
         {
-            entry.record_hit();
-            let response = entry.respond(CacheOutcome::Hit, if_none_match);
-            return Some((CacheOutcome::Hit, response));
+            let staleness = entry.staleness(&freshness);
+            let served = match staleness {
+                Staleness::Fresh => Some(CacheOutcome::Hit),
+                Staleness::RefreshAhead => {
+                    self.refresh(lookup, access, RefreshReason::Ahead);
+                    Some(CacheOutcome::Hit)
+                }
+                Staleness::Revalidate => {
+                    self.refresh(lookup, access, RefreshReason::Stale);
+                    Some(CacheOutcome::Stale)
+                }
+                Staleness::IfError | Staleness::Expired => None,
+            };
+            if let Some(outcome) = served {
+                entry.record_hit();
+                return Some((outcome, entry.respond(outcome, if_none_match)));
+            }
+            if staleness == Staleness::IfError {
+                fallback = Some(entry);
+            }
         }
 
-        let retain_for =
-            freshness.ttl + freshness.stale_while_revalidate + freshness.stale_if_error;
-        let flight_key = key_for(access.flight());
-        let flight = self.flights.join(&flight_key, || {
-            let fill = Fill {
-                store_key: key_for(access.stores_into()),
-                vouches_for: access.vouches_for(),
-                retain_for,
-                epoch: self.store.epoch(),
-            };
-            let upstream_request = self.upstream.request(
-                Method::GET,
-                &path_and_query(project, query),
-                request.headers(),
-                &FILL_STRIP,
-                Payload::Empty,
-            );
-            let proxy = Arc::clone(self);
-            async move { proxy.fill(fill, upstream_request?).await }
-        });
+        let flight = self.start_fill(lookup, access, lookup.deadline);
         let collapsed = flight.role == Role::Waiter;
-        let Some(result) = flight.result().await else {
-            let error = ProxyError::BadUpstreamResponse("upstream fetch was aborted".into());
-            return Some(error_outcome(&error, collapsed));
+        let result = match tokio::time::timeout_at(lookup.deadline.into(), flight.result()).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(ProxyError::BadUpstreamResponse(
+                "upstream fetch was aborted".into(),
+            )),
+            Err(_) => Err(ProxyError::RequestTimeout),
         };
+        // stale-if-error: a failed upstream answer is replaced by the stale entry; 401 and 403
+        // are answers about the credential and are never bridged.
+        if let Some(entry) = fallback {
+            let failed = match &result {
+                Ok(Fetched::Stored(_)) => false,
+                Ok(Fetched::Relayed(response)) => bridges(response.status),
+                Err(_) => true,
+            };
+            if failed {
+                entry.record_hit();
+                let outcome = CacheOutcome::Stale;
+                return Some((outcome, entry.respond(outcome, if_none_match)));
+            }
+        }
         match result {
             Ok(Fetched::Stored(entry)) => {
                 let outcome = if collapsed {
@@ -346,14 +363,59 @@ impl Proxy {
         }
     }
 
-    /// One upstream call for the cache, run in the flight's own task: stores an image list and
-    /// verifies the credential it was fetched with; a 401/403 revokes that credential.
-    async fn fill(self: Arc<Self>, fill: Fill, request: Request<Body>) -> FillResult {
-        let project = &fill.store_key.project.clone();
-        let response = self.upstream.fetch(request).await.map_err(|error| {
-            tracing::warn!(%project, %error, "upstream fetch failed");
-            ProxyError::from(error)
-        })?;
+    /// Joins or leads the single flight that fills the cache for this caller.
+    fn start_fill(
+        self: &Arc<Self>,
+        lookup: &Lookup<'_>,
+        access: Access,
+        deadline: Instant,
+    ) -> Flight<FillResult> {
+        self.flights.join(&lookup.key(access.flight()), || {
+            let freshness = lookup.settings.cache.freshness(lookup.project.as_str());
+            let fill = Fill {
+                store_key: lookup.key(access.stores_into()),
+                vouches_for: access.vouches_for(),
+                retain_for: freshness.ttl
+                    + freshness.stale_while_revalidate
+                    + freshness.stale_if_error,
+                epoch: self.store.epoch(),
+                deadline,
+                caller_headers: lookup.headers.clone(),
+            };
+            let proxy = Arc::clone(self);
+            async move { proxy.fill(fill).await }
+        })
+    }
+
+    /// Starts a background refresh unless a fill for the key is already under way. It runs
+    /// in the flight's own task with a deadline of its own; nobody waits for it.
+    fn refresh(self: &Arc<Self>, lookup: &Lookup<'_>, access: Access, reason: RefreshReason) {
+        let deadline = Instant::now() + lookup.settings.request_timeout;
+        if self.start_fill(lookup, access, deadline).role == Role::Leader {
+            self.metrics.record_refresh(reason);
+        }
+    }
+
+    /// One upstream call for the cache (retries included), run in the flight's own task:
+    /// stores an image list and verifies the credential it was fetched with; a 401/403 revokes
+    /// that credential.
+    async fn fill(self: Arc<Self>, fill: Fill) -> FillResult {
+        let project = &fill.store_key.project;
+        let target = path_and_query(project, &fill.store_key.query);
+        let build = || {
+            self.upstream.request(
+                Method::GET,
+                &target,
+                &fill.caller_headers,
+                &FILL_STRIP,
+                Payload::Empty,
+            )
+        };
+        let response = self
+            .upstream
+            .fetch(build, fill.deadline)
+            .await
+            .inspect_err(|error| tracing::warn!(%project, %error, "upstream fetch failed"))?;
         if let Some(hash) = fill.vouches_for {
             if response.status == StatusCode::OK {
                 self.verified.verify(project, hash);
@@ -365,9 +427,14 @@ impl Proxy {
             match Entry::from_upstream(&response, fill.retain_for) {
                 Ok(entry) => {
                     let entry = Arc::new(entry);
+                    if let Some(previous) = self.store.get(&fill.store_key).await
+                        && previous.etag() != entry.etag()
+                    {
+                        self.metrics.record_content_change();
+                    }
                     let stored = self
                         .store
-                        .insert(fill.store_key, Arc::clone(&entry), fill.epoch)
+                        .insert(fill.store_key.clone(), Arc::clone(&entry), fill.epoch)
                         .await;
                     if !stored {
                         tracing::debug!(%project, "purged while in flight: answered, not stored");
@@ -455,12 +522,40 @@ impl Proxy {
     }
 }
 
-/// What a fill needs besides the request: where to store, whom to vouch for.
+/// One cached-route request, as the cache sees it.
+struct Lookup<'a> {
+    project: &'a ProjectId,
+    query: &'a NormalizedQuery,
+    headers: &'a HeaderMap,
+    settings: &'a Settings,
+    deadline: Instant,
+}
+
+impl Lookup<'_> {
+    fn key(&self, scope: CredentialScope) -> CacheKey {
+        CacheKey {
+            project: self.project.clone(),
+            query: self.query.clone(),
+            scope,
+        }
+    }
+}
+
+/// What a fill needs: where to store, whom to vouch for, until when to try, and the caller's
+/// headers to build each attempt from.
 struct Fill {
     store_key: CacheKey,
     vouches_for: Option<CredentialHash>,
     retain_for: Duration,
     epoch: Epoch,
+    deadline: Instant,
+    caller_headers: HeaderMap,
+}
+
+/// Upstream answers that stale-if-error replaces with the stale entry: 5xx, 429, and a 200
+/// that is not an image list (it would otherwise have been stored).
+fn bridges(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::OK
 }
 
 /// 401 and 403 are answers about the credential, not the resource.

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::body::{self, Body};
 use crate::cache::outcome::CacheOutcome;
+use crate::config::Freshness;
 
 pub const CACHE_STATUS: &str = "cache-status";
 
@@ -57,8 +58,29 @@ pub struct Entry {
     body: Bytes,
     /// How long the store keeps this entry (ttl plus the stale windows at store time).
     retain_for: Duration,
+    /// In [0, 1): how much earlier than `refresh_ahead × ttl` this entry starts its refresh, so
+    /// that sidecars that stored the same list at the same moment do not refresh in lockstep.
+    refresh_jitter: f64,
     hits: AtomicU64,
 }
+
+/// Where an entry stands in its life, judged at lookup time with the current config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// Fresh; serve it.
+    Fresh,
+    /// Fresh, and old enough that a hit should start a background refresh.
+    RefreshAhead,
+    /// Past ttl, within stale-while-revalidate: serve it and refresh in the background.
+    Revalidate,
+    /// Past that, within stale-if-error: go upstream, fall back to it if upstream fails.
+    IfError,
+    /// Too old to serve at all.
+    Expired,
+}
+
+/// At most 10 % earlier than `refresh_ahead × ttl`.
+const MAX_REFRESH_JITTER: f64 = 0.1;
 
 /// Why an upstream 200 was not stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +105,33 @@ impl Entry {
             etag,
             body: response.body.clone(),
             retain_for,
+            refresh_jitter: rand::random::<f64>() * MAX_REFRESH_JITTER,
             hits: AtomicU64::new(0),
         })
     }
 
     pub fn age(&self) -> Duration {
         self.stored_at.elapsed()
+    }
+
+    pub fn staleness(&self, freshness: &Freshness) -> Staleness {
+        let age = self.age();
+        let ttl = freshness.ttl;
+        if age < ttl {
+            let ahead = freshness.refresh_ahead * (1.0 - self.refresh_jitter);
+            if freshness.refresh_ahead > 0.0 && age >= ttl.mul_f64(ahead) {
+                return Staleness::RefreshAhead;
+            }
+            return Staleness::Fresh;
+        }
+        let revalidate_until = ttl + freshness.stale_while_revalidate;
+        if age < revalidate_until {
+            Staleness::Revalidate
+        } else if age < revalidate_until + freshness.stale_if_error {
+            Staleness::IfError
+        } else {
+            Staleness::Expired
+        }
     }
 
     pub fn retain_for(&self) -> Duration {
@@ -237,6 +280,41 @@ mod tests {
         assert_eq!(headers["etag"], entry.etag());
         assert_eq!(headers["age"], "0");
         assert!(headers.get("set-cookie").is_none());
+    }
+
+    #[test]
+    fn staleness_windows() {
+        let entry =
+            Entry::from_upstream(&buffered(r#"{"phone_images":[]}"#), Duration::ZERO).unwrap();
+        let windows = |ttl_ms: u64, swr_ms: u64, sie_ms: u64, ahead: f64| Freshness {
+            ttl: Duration::from_millis(ttl_ms),
+            stale_while_revalidate: Duration::from_millis(swr_ms),
+            stale_if_error: Duration::from_millis(sie_ms),
+            refresh_ahead: ahead,
+        };
+        // Age is ~0 here: judged against windows that put 0 in each state.
+        assert_eq!(
+            entry.staleness(&windows(60_000, 0, 0, 0.8)),
+            Staleness::Fresh
+        );
+        assert_eq!(
+            entry.staleness(&windows(60_000, 0, 0, 0.0)),
+            Staleness::Fresh
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            entry.staleness(&windows(60_000, 0, 0, 0.000_01)),
+            Staleness::RefreshAhead
+        );
+        assert_eq!(
+            entry.staleness(&windows(1, 60_000, 0, 0.8)),
+            Staleness::Revalidate
+        );
+        assert_eq!(
+            entry.staleness(&windows(1, 0, 60_000, 0.8)),
+            Staleness::IfError
+        );
+        assert_eq!(entry.staleness(&windows(1, 1, 1, 0.8)), Staleness::Expired);
     }
 
     #[test]

@@ -101,9 +101,13 @@ pub struct Upstream {
     /// aksk mode: every request is signed with these.
     signing: Option<Arc<sign::Credentials>>,
     timeout: Duration,
+    retries: u32,
     max_body: usize,
     metrics: Metrics,
 }
+
+/// First retry after about this long, doubling each time (before jitter).
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
 impl Upstream {
     pub fn new(
@@ -131,6 +135,7 @@ impl Upstream {
             endpoint: Arc::new(config.endpoint.clone()),
             signing: signing.map(Arc::new),
             timeout: config.timeout,
+            retries: config.retries,
             max_body: config.max_body,
             metrics,
         })
@@ -210,11 +215,58 @@ impl Upstream {
         Ok(request)
     }
 
-    /// One attempt for the cached route: the response read in full, within `upstream.timeout`
+    /// A cache fill: up to `1 + upstream.retries` attempts, each built afresh by `build` (so an
+    /// aksk signature is dated per attempt), each bounded by `upstream.timeout` and all by
+    /// `deadline`. Retries follow connect errors, timeouts, broken responses, 5xx and 429, after
+    /// a jittered exponential backoff or the `Retry-After` upstream asked for, and only when that
+    /// wait ends before `deadline`. Other 4xx are never retried: repeated failed signatures
+    /// lock an AK for five minutes.
+    pub async fn fetch(
+        &self,
+        build: impl Fn() -> Result<Request<Body>, ProxyError>,
+        deadline: Instant,
+    ) -> Result<Buffered, ProxyError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.attempt(build()?, deadline).await;
+            let retryable = match &result {
+                Ok(response) => {
+                    response.status.is_server_error()
+                        || response.status == http::StatusCode::TOO_MANY_REQUESTS
+                }
+                Err(UpstreamError::TooLarge { .. }) => false,
+                Err(_) => true,
+            };
+            if !retryable || attempt >= self.retries {
+                return result.map_err(ProxyError::from);
+            }
+            let wait = result
+                .as_ref()
+                .ok()
+                .and_then(|response| retry_after(&response.headers))
+                .unwrap_or_else(|| backoff(attempt));
+            if Instant::now() + wait >= deadline {
+                return result.map_err(ProxyError::from);
+            }
+            self.metrics.record_retry();
+            tracing::debug!(attempt, ?wait, "retrying upstream");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// One attempt, read in full within `upstream.timeout` (or less, if `deadline` is sooner)
     /// and `upstream.max_body`. Counted in `cph_cache_upstream_requests_total`.
-    pub async fn fetch(&self, request: Request<Body>) -> Result<Buffered, UpstreamError> {
+    async fn attempt(
+        &self,
+        request: Request<Body>,
+        deadline: Instant,
+    ) -> Result<Buffered, UpstreamError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.fetch_once(request)).await {
+        let limit = self
+            .timeout
+            .min(deadline.saturating_duration_since(started));
+        let result = match tokio::time::timeout(limit, self.fetch_once(request)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout),
         };
@@ -272,6 +324,25 @@ impl Upstream {
         *response.headers_mut() = headers;
         Ok(response)
     }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Full jitter over an exponential step: uniform in [step/2, step), step = 100 ms × 2^attempt.
+fn backoff(attempt: u32) -> Duration {
+    let step = BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+    step.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
 /// The project of a `/v1/{project_id}/...` path, sent as `X-Project-Id` when signing.
@@ -350,6 +421,40 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientInit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", "3".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        let soon = std::time::SystemTime::now() + Duration::from_secs(30);
+        headers.insert(
+            "retry-after",
+            httpdate::fmt_http_date(soon).parse().unwrap(),
+        );
+        let wait = retry_after(&headers).unwrap();
+        assert!(
+            wait > Duration::from_secs(27) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        headers.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter() {
+        for attempt in 0..4 {
+            let step = BACKOFF_BASE * 2u32.pow(attempt);
+            let wait = backoff(attempt);
+            assert!(wait >= step / 2 && wait < step, "{attempt}: {wait:?}");
+        }
+    }
 
     #[test]
     fn drops_hop_by_hop_headers() {
