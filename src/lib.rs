@@ -125,6 +125,15 @@ impl App {
     /// Serves both listeners until `shutdown` completes; then `/readyz` turns 503, the
     /// listeners close, and open requests get `server.shutdown_grace` to finish.
     pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let bound = |listener: &TcpListener| {
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |addr| addr.to_string())
+        };
+        let (listen, admin_listen) = (bound(&listeners.proxy), bound(&listeners.admin));
+        // Ready before the accept loops start: the listeners are bound and the config loaded,
+        // and connections queue in the backlog until the loops accept them.
+        self.ready.store(true, Ordering::Release);
         let (stop_tx, stop_rx) = watch::channel(false);
         let server = &self.config.server;
         let proxy = tokio::spawn(server::serve(
@@ -141,7 +150,13 @@ impl App {
             stop_rx,
             server.shutdown_grace,
         ));
-        self.ready.store(true, Ordering::Release);
+        tracing::info!(
+            %listen,
+            %admin_listen,
+            upstream = %self.config.upstream.endpoint,
+            "cph-cache {} serving",
+            env!("CARGO_PKG_VERSION")
+        );
         shutdown.await;
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Release);

@@ -78,7 +78,14 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
         } => runtime.block_on(async {
-            match cph_cache::demo::run(Some(listen), Some(admin_listen), terminated()).await {
+            let terminated = match termination() {
+                Ok(terminated) => terminated,
+                Err(error) => {
+                    eprintln!("cph-cache: cannot install signal handlers: {error}");
+                    return ExitCode::from(1);
+                }
+            };
+            match cph_cache::demo::run(Some(listen), Some(admin_listen), terminated).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("cph-cache demo: {error}");
@@ -90,6 +97,15 @@ fn main() -> ExitCode {
 }
 
 async fn serve(path: PathBuf) -> ExitCode {
+    // Signal streams first: until they exist, SIGTERM's default action kills the process, and
+    // the "serving" line below tells supervisors (and tests) that signals are now handled.
+    let (terminated, mut hangups) = match (termination(), signal(SignalKind::hangup())) {
+        (Ok(terminated), Ok(hangups)) => (terminated, hangups),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("cph-cache: cannot install signal handlers: {error}");
+            return ExitCode::from(1);
+        }
+    };
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
@@ -118,23 +134,8 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let bound = |listener: &tokio::net::TcpListener| {
-        listener
-            .local_addr()
-            .map_or_else(|_| "?".to_owned(), |addr| addr.to_string())
-    };
-    tracing::info!(
-        listen = %bound(&listeners.proxy),
-        admin_listen = %bound(&listeners.admin),
-        upstream = %config.upstream.endpoint,
-        "cph-cache {} serving",
-        env!("CARGO_PKG_VERSION")
-    );
     let reloader = app.reloader();
     let reloads = tokio::spawn(async move {
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hangups.recv().await.is_some() {
             match Config::load(&path) {
                 Ok(new) => reloader.reload(&new),
@@ -144,19 +145,20 @@ async fn serve(path: PathBuf) -> ExitCode {
             }
         }
     });
-    app.serve(listeners, terminated()).await;
+    app.serve(listeners, terminated).await;
     reloads.abort();
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
+/// A future that resolves on SIGTERM or SIGINT. The streams are created here, at once, so a
+/// signal that arrives before the future is first polled is still caught.
+fn termination() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+    })
 }

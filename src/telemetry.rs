@@ -9,8 +9,13 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber; a second call (tests) is a no-op.
 pub fn init(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
+    // An empty RUST_LOG counts as unset rather than as "log nothing".
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .map(EnvFilter::try_new);
+    let filter = from_env
+        .unwrap_or_else(|| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -282,6 +282,61 @@ async fn serve_runs_until_sigterm_then_exits_0() {
     );
 }
 
+#[tokio::test]
+async fn serve_answers_on_the_addresses_it_logs() {
+    // JSON logs, so the bound addresses are read from fields rather than scraped from text.
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nendpoint = \"{NOWHERE}\"\n[log]\nlevel = \"info\"\nformat = \"json\"\n"
+    ));
+    let mut child = command()
+        .args(["serve", "--config", config.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = read_until(&mut lines, "serving").await.pop().unwrap();
+    let rest = drain(lines.into_inner());
+    let record: serde_json::Value = serde_json::from_str(&serving)
+        .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {serving}"));
+    let addr = |field: &str| -> std::net::SocketAddr {
+        let value = record["fields"][field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {serving}"));
+        let addr: std::net::SocketAddr = value.parse().unwrap();
+        assert_ne!(
+            addr.port(),
+            0,
+            "logged the configured port 0, not the bound one: {serving}"
+        );
+        addr
+    };
+    let (proxy, admin) = (addr("listen"), addr("admin_listen"));
+
+    let healthz = get(&format!("http://{admin}/healthz"), &[]).await;
+    assert_eq!(healthz.status, StatusCode::OK);
+    let readyz = get(&format!("http://{admin}/readyz"), &[]).await;
+    assert_eq!(readyz.status, StatusCode::OK);
+    // The proxy listener answers too: a bad project id is refused without any upstream.
+    let refused = get(
+        &format!("http://{proxy}/v1/bad.id/cloud-phone/phone-images"),
+        &[("x-auth-token", "t")],
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error_code(), "CPHCACHE.0400");
+
+    sigterm(&child);
+    let code = exit_code(&mut child).await;
+    let rest = rest.await.unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "serve did not exit cleanly; stderr after start:\n{rest}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 14. demo
 // ---------------------------------------------------------------------------------------------
