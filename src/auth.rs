@@ -34,7 +34,9 @@ impl std::fmt::Debug for CredentialHash {
 /// Hashes credentials with a per-process random key.
 #[derive(Clone)]
 pub struct CredentialHasher {
-    key: [u8; 32],
+    /// HMAC keyed once with 64 random bytes (one SHA-256 block); each hash starts from a clone of this state,
+    /// which skips re-deriving the inner and outer pads per request.
+    keyed: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for CredentialHasher {
@@ -51,16 +53,14 @@ impl Default for CredentialHasher {
 
 impl CredentialHasher {
     pub fn new() -> Self {
+        let key: [u8; 64] = rand::random();
         Self {
-            key: rand::random(),
+            keyed: <Hmac<Sha256> as hmac::digest::KeyInit>::new(&key.into()),
         }
     }
 
     pub fn hash(&self, credential: &[u8]) -> CredentialHash {
-        // `new_from_slice` only fails for key lengths HMAC cannot take; 32 bytes always fits.
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
-            return CredentialHash([0; 16]);
-        };
+        let mut mac = self.keyed.clone();
         mac.update(credential);
         let digest = mac.finalize().into_bytes();
         let mut truncated = [0; 16];

@@ -199,14 +199,11 @@ impl Proxy {
             Route::Images { project, query } => {
                 let started = Instant::now();
                 let deadline = started + settings.request_timeout;
-                let answer = self.images(request, project, query, &settings, deadline);
-                // The fill's own waits end at the same deadline and serve stale when they can;
-                // this bounds everything else (a bypass, a slow lookup).
-                let (outcome, response) =
-                    match tokio::time::timeout_at(deadline.into(), answer).await {
-                        Ok(answered) => answered,
-                        Err(_) => error_outcome(&ProxyError::RequestTimeout, false),
-                    };
+                // Every wait on the way (a flight, a bypass) ends at `deadline`; a hit waits on
+                // nothing, so it registers no timer.
+                let (outcome, response) = self
+                    .images(request, project, query, &settings, deadline)
+                    .await;
                 self.metrics
                     .observe_request(outcome.label(), started.elapsed().as_secs_f64());
                 tracing::debug!(
@@ -250,7 +247,10 @@ impl Proxy {
     ) -> (CacheOutcome, Response<Body>) {
         let access = self.access(request.headers(), &project);
         if access == Access::Bypass {
-            return self.bypass(request).await;
+            return match tokio::time::timeout_at(deadline.into(), self.bypass(request)).await {
+                Ok(answered) => answered,
+                Err(_) => error_outcome(&ProxyError::RequestTimeout, false),
+            };
         }
         let lookup = Lookup {
             project: &project,

@@ -4,14 +4,12 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
 use cph_cache::fake_cph::AuthCheck;
 use http::Method;
+use support::binary::Sidecar;
 use support::*;
 
 const AK: &str = "AKSECRETVALUE0000001";
@@ -20,93 +18,6 @@ const CLIENT_TOKEN: &str = "client-token-secret-0000003";
 const WRONG_GUESS: &str = "client-token-guess-0000004";
 const T1: &str = "iam-token-secret-valid-0000005";
 const T3: &str = "iam-token-secret-invalid-0000006";
-
-/// The binary with `RUST_LOG=trace`, its stderr collected on a thread; returns once it logs
-/// that it is serving (with the bound addresses).
-struct Sidecar {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Sidecar {
-    fn start(config: &str, env: &[(&str, &str)]) -> Sidecar {
-        let path = std::env::temp_dir().join(format!(
-            "cph-cache-secrets-{}-{}.toml",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cph-cache"));
-        command
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "trace")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let serving = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("sidecar did not report serving");
-            if line.contains("serving") {
-                break line;
-            }
-        };
-        let field = |name: &str| -> SocketAddr {
-            let start = serving.find(&format!(" {name}=")).unwrap() + name.len() + 2;
-            serving[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        Sidecar {
-            child,
-            proxy: field("listen"),
-            admin: field("admin_listen"),
-            stderr: rx,
-        }
-    }
-
-    /// SIGTERM, wait for exit 0, and return everything it logged.
-    fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = self.child.wait().unwrap();
-        assert!(exit.success(), "exit status {exit:?}");
-        let mut logs = String::new();
-        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(5)) {
-            logs.push_str(&line);
-            logs.push('\n');
-        }
-        logs
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    COUNTER.fetch_add(1, Ordering::SeqCst)
-}
 
 fn assert_no_secrets(what: &str, text: &str) {
     for secret in [AK, SK, CLIENT_TOKEN, WRONG_GUESS, T1, T3] {
@@ -140,6 +51,7 @@ async fn aksk_secrets_stay_out_of_logs_metrics_and_bodies() {
         h.fake.url()
     );
     let sidecar = Sidecar::start(
+        "trace",
         &config,
         &[
             ("TEST_AK", AK),
@@ -201,7 +113,7 @@ async fn caller_tokens_stay_out_of_logs_metrics_and_bodies() {
          [upstream]\nendpoint = \"{}\"\n",
         h.fake.url()
     );
-    let sidecar = Sidecar::start(&config, &[]);
+    let sidecar = Sidecar::start("trace", &config, &[]);
     let path = images_path(PROJECT);
     let mut bodies = String::new();
     for token in [T1, T1, T3, T3] {

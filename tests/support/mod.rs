@@ -3,6 +3,8 @@
 //! sent, so they are ready by construction.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
