@@ -12,12 +12,6 @@ use cph_cache::{App, Config, Listeners, Secrets, telemetry};
 use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// mimalloc instead of glibc malloc: a hit allocates a few small objects (header map, response,
-/// connection buffers) on whichever worker thread polls it, the pattern glibc's arenas handle
-/// worst. Measured in BENCHMARKS.md.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "cph-cache",
