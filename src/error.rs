@@ -30,8 +30,6 @@ pub enum ProxyError {
     BadUpstreamResponse(String),
     #[error("upstream response body exceeds upstream.max_body ({limit} bytes)")]
     UpstreamBodyTooLarge { limit: usize },
-    #[error("shutting down")]
-    ShuttingDown,
     #[error("upstream timed out")]
     UpstreamTimeout,
     #[error("request timed out after server.request_timeout")]
@@ -48,7 +46,6 @@ impl ProxyError {
             Self::UpstreamUnreachable(_)
             | Self::BadUpstreamResponse(_)
             | Self::UpstreamBodyTooLarge { .. } => StatusCode::BAD_GATEWAY,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout | Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -61,7 +58,6 @@ impl ProxyError {
             StatusCode::NOT_FOUND => "CPHCACHE.0404",
             StatusCode::METHOD_NOT_ALLOWED => "CPHCACHE.0405",
             StatusCode::BAD_GATEWAY => "CPHCACHE.0502",
-            StatusCode::SERVICE_UNAVAILABLE => "CPHCACHE.0503",
             _ => "CPHCACHE.0504",
         }
     }
