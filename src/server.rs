@@ -41,6 +41,8 @@ pub async fn serve<H: Handler>(
     builder
         .http1()
         .keep_alive(true)
+        // With a timer hyper drops a connection whose request head takes over 30 s to arrive,
+        // so idle or slow-loris clients cannot hold connections forever.
         .timer(TokioTimer::new())
         .max_buf_size(max_header_bytes.max(MIN_BUF));
     let graceful = GracefulShutdown::new();

@@ -160,14 +160,8 @@ impl Credentials {
         }
         signed.sort_unstable();
 
-        let body_hash = match headers.get(X_SDK_CONTENT_SHA256) {
-            Some(v) => v
-                .to_str()
-                .map_err(|_| SignError::InvalidHeaderValue(X_SDK_CONTENT_SHA256))?
-                .trim()
-                .to_owned(),
-            None => sha256_hex(body),
-        };
+        let body_hash = payload_hash(headers, body)
+            .map_err(|_| SignError::InvalidHeaderValue(X_SDK_CONTENT_SHA256))?;
 
         let canonical = canonical_request(
             method,
@@ -405,6 +399,15 @@ pub fn signed_header_names(headers: &HeaderMap) -> Vec<&str> {
     names
 }
 
+/// The body's hash as signed: `X-Sdk-Content-Sha256` when the request carries one (e.g.
+/// `UNSIGNED-PAYLOAD`), else the hex SHA-256 of the body.
+fn payload_hash(headers: &HeaderMap, body: &[u8]) -> Result<String, http::header::ToStrError> {
+    match headers.get(X_SDK_CONTENT_SHA256) {
+        Some(value) => Ok(value.to_str()?.trim().to_owned()),
+        None => Ok(sha256_hex(body)),
+    }
+}
+
 /// `SDK-HMAC-SHA256\n{X-Sdk-Date}\n{hex(sha256(canonical_request))}`.
 pub fn string_to_sign(date: &SdkDate, canonical_request: &str) -> String {
     format!(
@@ -513,14 +516,8 @@ pub fn verify(
 
     let secret_key = lookup_sk(auth.access_key).ok_or(VerifyError::UnknownAccessKey)?;
 
-    let body_hash = match headers.get(X_SDK_CONTENT_SHA256) {
-        Some(v) => v
-            .to_str()
-            .map_err(|_| VerifyError::MalformedAuthorization("bad X-Sdk-Content-Sha256"))?
-            .trim()
-            .to_owned(),
-        None => sha256_hex(body),
-    };
+    let body_hash = payload_hash(headers, body)
+        .map_err(|_| VerifyError::MalformedAuthorization("bad X-Sdk-Content-Sha256"))?;
     let canonical = canonical_request(
         method,
         uri.path(),
