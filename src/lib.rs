@@ -136,15 +136,22 @@ impl App {
         self.ready.store(true, Ordering::Release);
         let (stop_tx, stop_rx) = watch::channel(false);
         let server = &self.config.server;
-        let proxy = tokio::spawn(server::serve_per_thread(
-            listeners.proxy,
-            Arc::clone(&self.proxy),
-            server.max_header_bytes,
-            stop_rx.clone(),
-            server.shutdown_grace,
-            // One accepting thread per core, as nginx's `worker_processes auto`.
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        ));
+        let proxy = tokio::spawn({
+            let serving = server::serve_per_thread(
+                listeners.proxy,
+                Arc::clone(&self.proxy),
+                server.max_header_bytes,
+                stop_rx.clone(),
+                server.shutdown_grace,
+                // One accepting thread per core, as nginx's `worker_processes auto`.
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            );
+            async move {
+                if let Err(error) = serving.await {
+                    tracing::error!(%error, "the proxy listener's threads could not start");
+                }
+            }
+        });
         let admin = tokio::spawn(server::serve(
             listeners.admin,
             Arc::clone(&self.admin),

@@ -96,20 +96,6 @@ pub async fn serve_per_thread<H: Handler>(
     stop: watch::Receiver<bool>,
     grace: Duration,
     threads: usize,
-) {
-    if let Err(error) = run_threads(listener, handler, max_header_bytes, stop, grace, threads).await
-    {
-        tracing::error!(%error, "cannot start the proxy listener's threads");
-    }
-}
-
-async fn run_threads<H: Handler>(
-    listener: TcpListener,
-    handler: Arc<H>,
-    max_header_bytes: usize,
-    stop: watch::Receiver<bool>,
-    grace: Duration,
-    threads: usize,
 ) -> std::io::Result<()> {
     let listener = listener.into_std()?;
     let mut joins = Vec::with_capacity(threads);
