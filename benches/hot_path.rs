@@ -59,7 +59,7 @@ fn hit_path(c: &mut Criterion) {
 
     let entry = Arc::new(stored_entry());
     c.bench_function("Entry::respond (hit)", |b| {
-        b.iter(|| entry.respond(CacheOutcome::Hit, None))
+        b.iter(|| entry.respond(CacheOutcome::Hit, entry.age(), None))
     });
 
     let runtime = tokio::runtime::Builder::new_current_thread()

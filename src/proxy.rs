@@ -184,17 +184,17 @@ impl Proxy {
 
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let settings = self.settings.load_full();
-        let route = match &self.client_token {
-            Some(token) if !token.admits(request.headers()) => {
-                match route::classify(request.method(), request.uri(), settings.passthrough) {
-                    Route::Images { .. } | Route::ImagesRefused(_) => {
-                        Route::ImagesRefused(ProxyError::Unauthorized)
-                    }
-                    _ => Route::Refused(ProxyError::Unauthorized),
+        let mut route = route::classify(request.method(), request.uri(), settings.passthrough);
+        if let Some(token) = &self.client_token
+            && !token.admits(request.headers())
+        {
+            route = match route {
+                Route::Images { .. } | Route::ImagesRefused(_) => {
+                    Route::ImagesRefused(ProxyError::Unauthorized)
                 }
-            }
-            _ => route::classify(request.method(), request.uri(), settings.passthrough),
-        };
+                Route::Passthrough | Route::Refused(_) => Route::Refused(ProxyError::Unauthorized),
+            };
+        }
         match route {
             Route::Images { project, query } => {
                 let started = Instant::now();
@@ -291,7 +291,8 @@ impl Proxy {
         if let Some(scope) = access.readable()
             && let Some(entry) = self.store.get(&lookup.key(scope)).await
         {
-            let staleness = entry.staleness(&freshness);
+            let age = entry.age();
+            let staleness = entry.staleness(age, &freshness);
             let served = match staleness {
                 Staleness::Fresh => Some(CacheOutcome::Hit),
                 Staleness::RefreshAhead => {
@@ -306,7 +307,7 @@ impl Proxy {
             };
             if let Some(outcome) = served {
                 entry.record_hit();
-                return Some((outcome, entry.respond(outcome, if_none_match)));
+                return Some((outcome, entry.respond(outcome, age, if_none_match)));
             }
             if staleness == Staleness::IfError {
                 fallback = Some(entry);
@@ -333,7 +334,7 @@ impl Proxy {
             if failed {
                 entry.record_hit();
                 let outcome = CacheOutcome::Stale;
-                return Some((outcome, entry.respond(outcome, if_none_match)));
+                return Some((outcome, entry.respond(outcome, entry.age(), if_none_match)));
             }
         }
         match result {
@@ -343,7 +344,7 @@ impl Proxy {
                 } else {
                     CacheOutcome::Stored
                 };
-                Some((outcome, entry.respond(outcome, if_none_match)))
+                Some((outcome, entry.respond(outcome, entry.age(), if_none_match)))
             }
             Ok(Fetched::Relayed(response))
                 if collapsed
@@ -453,13 +454,8 @@ impl Proxy {
     async fn bypass(&self, request: Request<Incoming>) -> (CacheOutcome, Response<Body>) {
         let started = Instant::now();
         let result = self.forward(request).await;
-        let upstream_result = match &result {
-            Ok(response) => UpstreamResult::Status(response.status().as_u16()),
-            Err(ProxyError::UpstreamTimeout) => UpstreamResult::Timeout,
-            Err(_) => UpstreamResult::Error,
-        };
         self.metrics
-            .observe_upstream(upstream_result, started.elapsed().as_secs_f64());
+            .observe_upstream(upstream_result(&result), started.elapsed().as_secs_f64());
         match result {
             Ok(mut response) => {
                 response
@@ -474,12 +470,7 @@ impl Proxy {
     /// Any other CPH call, per `upstream.passthrough`: headers and body streamed both ways.
     async fn passthrough(&self, request: Request<Incoming>) -> Response<Body> {
         let result = self.forward(request).await;
-        let code = match &result {
-            Ok(response) => UpstreamResult::Status(response.status().as_u16()),
-            Err(ProxyError::UpstreamTimeout) => UpstreamResult::Timeout,
-            Err(_) => UpstreamResult::Error,
-        };
-        self.metrics.observe_passthrough(code);
+        self.metrics.observe_passthrough(upstream_result(&result));
         result.unwrap_or_else(|error| error.to_response())
     }
 
@@ -556,6 +547,15 @@ struct Fill {
 /// that is not an image list (it would otherwise have been stored).
 fn bridges(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::OK
+}
+
+/// The `code` label of a forwarded request's outcome.
+fn upstream_result(result: &Result<Response<Body>, ProxyError>) -> UpstreamResult {
+    match result {
+        Ok(response) => UpstreamResult::Status(response.status().as_u16()),
+        Err(ProxyError::UpstreamTimeout) => UpstreamResult::Timeout,
+        Err(_) => UpstreamResult::Error,
+    }
 }
 
 /// 401 and 403 are answers about the credential, not the resource.

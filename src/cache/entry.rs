@@ -114,8 +114,8 @@ impl Entry {
         self.stored_at.elapsed()
     }
 
-    pub fn staleness(&self, freshness: &Freshness) -> Staleness {
-        let age = self.age();
+    /// Where the entry stands at `age` (from [`Entry::age`], read once per request).
+    pub fn staleness(&self, age: Duration, freshness: &Freshness) -> Staleness {
         let ttl = freshness.ttl;
         if age < ttl {
             let ahead = freshness.refresh_ahead * (1.0 - self.refresh_jitter);
@@ -170,9 +170,10 @@ impl Entry {
     pub fn respond(
         &self,
         outcome: CacheOutcome,
+        age: Duration,
         if_none_match: Option<&HeaderValue>,
     ) -> Response<Body> {
-        let age = HeaderValue::from(self.age().as_secs());
+        let age = HeaderValue::from(age.as_secs());
         if if_none_match.is_some_and(|value| etag_matches(value, &self.etag)) {
             let mut response = Response::new(body::empty());
             *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -272,7 +273,7 @@ mod tests {
     fn response_has_stored_head_and_no_cookie() {
         let entry =
             Entry::from_upstream(&buffered(r#"{"phone_images":[]}"#), Duration::ZERO).unwrap();
-        let response = entry.respond(CacheOutcome::Hit, None);
+        let response = entry.respond(CacheOutcome::Hit, Duration::ZERO, None);
         assert_eq!(response.status(), StatusCode::OK);
         let headers = response.headers();
         assert_eq!(headers["cache-status"], "cph-cache; hit");
@@ -292,29 +293,31 @@ mod tests {
             stale_if_error: Duration::from_millis(sie_ms),
             refresh_ahead: ahead,
         };
-        // Age is ~0 here: judged against windows that put 0 in each state.
+        let second = Duration::from_secs(1);
         assert_eq!(
-            entry.staleness(&windows(60_000, 0, 0, 0.8)),
+            entry.staleness(second, &windows(60_000, 0, 0, 0.8)),
             Staleness::Fresh
         );
         assert_eq!(
-            entry.staleness(&windows(60_000, 0, 0, 0.0)),
+            entry.staleness(second, &windows(60_000, 0, 0, 0.0)),
             Staleness::Fresh
         );
-        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
-            entry.staleness(&windows(60_000, 0, 0, 0.000_01)),
+            entry.staleness(second, &windows(60_000, 0, 0, 0.000_01)),
             Staleness::RefreshAhead
         );
         assert_eq!(
-            entry.staleness(&windows(1, 60_000, 0, 0.8)),
+            entry.staleness(second, &windows(1, 60_000, 0, 0.8)),
             Staleness::Revalidate
         );
         assert_eq!(
-            entry.staleness(&windows(1, 0, 60_000, 0.8)),
+            entry.staleness(second, &windows(1, 0, 60_000, 0.8)),
             Staleness::IfError
         );
-        assert_eq!(entry.staleness(&windows(1, 1, 1, 0.8)), Staleness::Expired);
+        assert_eq!(
+            entry.staleness(second, &windows(1, 1, 1, 0.8)),
+            Staleness::Expired
+        );
     }
 
     #[test]
@@ -328,10 +331,18 @@ mod tests {
             format!("\"x\", {tag}"),
             "*".into(),
         ] {
-            let response = entry.respond(CacheOutcome::Hit, Some(&matching.parse().unwrap()));
+            let response = entry.respond(
+                CacheOutcome::Hit,
+                Duration::ZERO,
+                Some(&matching.parse().unwrap()),
+            );
             assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{matching}");
         }
-        let response = entry.respond(CacheOutcome::Hit, Some(&"\"other\"".parse().unwrap()));
+        let response = entry.respond(
+            CacheOutcome::Hit,
+            Duration::ZERO,
+            Some(&"\"other\"".parse().unwrap()),
+        );
         assert_eq!(response.status(), StatusCode::OK);
     }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -283,13 +284,9 @@ impl Upstream {
     async fn fetch_once(&self, request: Request<Body>) -> Result<Buffered, UpstreamError> {
         let response = self.client.request(request).await.map_err(classify)?;
         let (parts, body) = response.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
         let limit = self.max_body;
-        if declared.is_some_and(|len| len > limit as u64) {
+        // A declared Content-Length over the limit fails before any of the body is read.
+        if body.size_hint().lower() > limit as u64 {
             return Err(UpstreamError::TooLarge { limit });
         }
         let body: Bytes = Limited::new(body, limit)
