@@ -119,6 +119,8 @@ struct State {
     requests_total: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Woken after each arrival is counted, for [`FakeCph::until`].
+    arrivals: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -260,6 +262,21 @@ impl FakeCph {
     }
 
     /// Requests being handled right now (received, not yet answered or abandoned).
+    /// Waits until `check` holds, re-checking after each request arrives (woken, not polled).
+    /// Unbounded: wrap it in a timeout.
+    pub async fn until(&self, check: impl Fn(&FakeCph) -> bool) {
+        loop {
+            let arrival = self.state().arrivals.notified();
+            tokio::pin!(arrival);
+            // Registered before the check, so an arrival between the two is not missed.
+            arrival.as_mut().enable();
+            if check(self) {
+                return;
+            }
+            arrival.await;
+        }
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.state().in_flight.load(Ordering::SeqCst)
     }
@@ -384,6 +401,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Dropp
             *c.by_token.entry(t.clone()).or_default() += 1;
         }
     }
+    state.arrivals.notify_waiters();
 
     // Read the whole body even when the route ignores it: passthrough tests stream bodies in.
     let body = body.collect().await.map(|collected| collected.to_bytes());
@@ -1146,11 +1164,8 @@ mod tests {
                     .map(|a| a.status)
             }
         });
-        // The request is observable as in flight once the server has it; wait on that by
-        // yielding rather than sleeping for a fixed time.
-        while fake.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
+        // Woken by the arrival itself.
+        fake.until(|fake| fake.in_flight() > 0).await;
         assert!(!pending.is_finished());
         fake.shutdown();
         assert!(pending.await.unwrap().is_err());

@@ -233,12 +233,12 @@ async fn disconnecting_first_caller_does_not_cancel_the_fetch() {
         h.proxy
     );
     caller.write_all(request.as_bytes()).await.unwrap();
-    let fake = h.fake.clone();
-    eventually("the fill to reach upstream", Duration::from_secs(5), || {
-        let fake = fake.clone();
-        async move { fake.image_requests(PROJECT) == 1 }
-    })
-    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        h.fake.until(|fake| fake.image_requests(PROJECT) == 1),
+    )
+    .await
+    .expect("the fill never reached upstream");
     // The caller leaves before any answer (the fake is still sleeping on it).
     let mut buf = [0u8; 64];
     assert_eq!(

@@ -309,10 +309,12 @@ async fn purge_is_immediate_and_an_in_flight_fill_does_not_resurrect() {
             client.request(request).await.unwrap().status()
         })
     };
-    let give_up = Instant::now() + Duration::from_secs(5);
-    while h.fake.image_requests(PROJECT) == 0 && Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        h.fake.until(|fake| fake.image_requests(PROJECT) == 1),
+    )
+    .await
+    .expect("the fill never reached upstream");
     assert_eq!(
         h.admin_delete(&format!("/cache/{PROJECT}")).await.status,
         204

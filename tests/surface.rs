@@ -572,12 +572,11 @@ async fn stop_finishes_in_flight_requests() {
         .await
         .1
     });
-    // Wait (no sleep) until the request has reached the upstream, i.e. it is truly in flight.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while fake.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
-    })
+    // Wait (woken by the arrival, no sleep) until the request is truly in flight upstream.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        fake.until(|fake| fake.in_flight() > 0),
+    )
     .await
     .expect("request never reached upstream");
 
