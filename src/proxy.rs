@@ -126,6 +126,14 @@ impl Access {
         }
     }
 
+    /// The same caller, with its credential treated as not yet verified.
+    fn unverified(self) -> Self {
+        match self {
+            Self::Verified(hash) => Self::Unverified(hash),
+            other => other,
+        }
+    }
+
     /// The credential whose verification the fill's answer confirms or revokes.
     fn vouches_for(self) -> Option<CredentialHash> {
         match self {
@@ -259,18 +267,16 @@ impl Proxy {
             settings,
             deadline,
         };
-        if let Some(answered) = self.cached(&lookup, access).await {
-            return answered;
+        let mut access = access;
+        loop {
+            match self.cached(&lookup, access).await {
+                Some(answered) => return answered,
+                // A verified caller waited on someone else's fill, which upstream refused: that
+                // answer was about the leader's credential, not this caller's. Ask again with its
+                // own (an unverified caller's flight is keyed by its credential, so this ends).
+                None => access = access.unverified(),
+            }
         }
-        // A verified caller waited on someone else's fill, which upstream refused: that answer
-        // was about the leader's credential, not this caller's. Ask again with its own.
-        let own = match access {
-            Access::Verified(hash) => Access::Unverified(hash),
-            other => other,
-        };
-        self.cached(&lookup, own).await.unwrap_or_else(|| {
-            error_outcome(&ProxyError::BadUpstreamResponse("refused".into()), false)
-        })
     }
 
     /// Serves `access` from the cache or through its single flight; `None` when a verified
