@@ -36,11 +36,17 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    /// Whether `listen` is reachable only from this host: aksk mode relies on it (SPEC §5).
-    pub listen_is_loopback: bool,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_header_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Whether `listen` is reachable only from this host (127.0.0.0/8, ::1; `localhost` is
+    /// parsed to 127.0.0.1): aksk mode relies on it (SPEC §5).
+    pub fn listen_is_loopback(&self) -> bool {
+        self.listen.ip().is_loopback()
+    }
 }
 
 /// `[upstream]`: where the real CPH API is and how patiently we talk to it.
@@ -586,11 +592,9 @@ impl Check<'_> {
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        let listen = self.socket_addr("server.listen", &raw.listen)?;
         Ok(ServerConfig {
-            listen,
+            listen: self.socket_addr("server.listen", &raw.listen)?,
             admin_listen: self.socket_addr("server.admin_listen", &raw.admin_listen)?,
-            listen_is_loopback: listen.ip().is_loopback(),
             request_timeout: self.positive("server.request_timeout", &raw.request_timeout)?,
             // 0 is a legitimate choice: drop in-flight requests at once on shutdown.
             shutdown_grace: raw.shutdown_grace.value.0,
@@ -631,7 +635,7 @@ impl Check<'_> {
             self.optional_env_name("auth.security_token_env", &raw.security_token_env)?;
         let client_token_env =
             self.optional_env_name("auth.client_token_env", &raw.client_token_env)?;
-        if aksk && !server.listen_is_loopback && client_token_env.is_none() {
+        if aksk && !server.listen_is_loopback() && client_token_env.is_none() {
             return self.fail(
                 "auth.client_token_env",
                 raw.client_token_env.span.as_ref(),
@@ -899,7 +903,6 @@ mod tests {
             ServerConfig {
                 listen: "127.0.0.1:8080".parse().unwrap(),
                 admin_listen: "127.0.0.1:9090".parse().unwrap(),
-                listen_is_loopback: true,
                 request_timeout: Duration::from_secs(15),
                 shutdown_grace: Duration::from_secs(10),
                 max_header_bytes: 32 * 1024,
@@ -1032,7 +1035,7 @@ format = "json"
 "#,
         )
         .unwrap();
-        assert!(!c.server.listen_is_loopback);
+        assert!(!c.server.listen_is_loopback());
         assert_eq!(c.server.admin_listen, "[::1]:9100".parse().unwrap());
         assert_eq!(c.server.request_timeout, Duration::from_millis(2500));
         assert_eq!(c.server.shutdown_grace, Duration::ZERO);
@@ -1091,15 +1094,15 @@ format = "json"
         let c =
             with("[server]\nlisten = \"localhost:8081\"\nadmin_listen = \"[::1]:0\"\n").unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8081".parse().unwrap());
-        assert!(c.server.listen_is_loopback);
+        assert!(c.server.listen_is_loopback());
         assert_eq!(c.server.admin_listen, "[::1]:0".parse().unwrap());
 
         let c = with("[server]\nlisten = \"[::1]:8080\"\n").unwrap();
-        assert!(c.server.listen_is_loopback);
+        assert!(c.server.listen_is_loopback());
         let c = with("[server]\nlisten = \"127.1.2.3:8080\"\n").unwrap();
-        assert!(c.server.listen_is_loopback);
+        assert!(c.server.listen_is_loopback());
         let c = with("[server]\nlisten = \"[::]:8080\"\n").unwrap();
-        assert!(!c.server.listen_is_loopback);
+        assert!(!c.server.listen_is_loopback());
 
         for bad in [
             "localhost",

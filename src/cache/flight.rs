@@ -95,7 +95,7 @@ where
         }
     }
 
-    /// How many flights are under way (for tests and the admin view).
+    /// How many flights are under way (tests use it to see that flights land).
     pub fn len(&self) -> usize {
         self.in_flight
             .lock()
