@@ -423,14 +423,8 @@ impl Proxy {
             .fetch(build, fill.deadline)
             .await
             .inspect_err(|error| tracing::warn!(%project, %error, "upstream fetch failed"))?;
-        if let Some(hash) = fill.vouches_for {
-            if response.status == StatusCode::OK {
-                self.verified.verify(project, hash);
-            } else if is_refusal(response.status) {
-                self.verified.revoke(project, hash);
-            }
-        }
-        if response.status == StatusCode::OK {
+        let status = response.status;
+        let fetched = if status == StatusCode::OK {
             match Entry::from_upstream(&response, fill.retain_for) {
                 Ok(entry) => {
                     let entry = Arc::new(entry);
@@ -446,14 +440,26 @@ impl Proxy {
                     if !stored {
                         tracing::debug!(%project, "purged while in flight: answered, not stored");
                     }
-                    return Ok(Fetched::Stored(entry));
+                    Fetched::Stored(entry)
                 }
                 Err(reason) => {
                     tracing::warn!(%project, ?reason, "upstream 200 is not an image list: relayed, not stored");
+                    Fetched::Relayed(Arc::new(response))
                 }
             }
+        } else {
+            Fetched::Relayed(Arc::new(response))
+        };
+        // Verified only once the entry is stored: a caller verified from now on reads the shared
+        // entry, so it must be there already, or that caller would lead a second upstream call.
+        if let Some(hash) = fill.vouches_for {
+            if status == StatusCode::OK {
+                self.verified.verify(project, hash);
+            } else if is_refusal(status) {
+                self.verified.revoke(project, hash);
+            }
         }
-        Ok(Fetched::Relayed(Arc::new(response)))
+        Ok(fetched)
     }
 
     /// A cached-route request we cannot key on a credential: forwarded as is, never stored.
