@@ -35,7 +35,7 @@ pub use crate::auth::Secrets;
 use crate::body::Body;
 use crate::cache::store::Store;
 pub use crate::config::Config;
-use crate::config::UpstreamConfig;
+use crate::config::{ServerConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Settings};
 use crate::server::Handler;
@@ -185,10 +185,13 @@ impl Reloader {
     pub fn reload(&self, new: &Config) {
         let old = &self.running;
         let needs_restart = [
-            ("server.listen", old.server.listen != new.server.listen),
             (
-                "server.admin_listen",
-                old.server.admin_listen != new.server.admin_listen,
+                "server (other than request_timeout)",
+                old.server
+                    != ServerConfig {
+                        request_timeout: old.server.request_timeout,
+                        ..new.server.clone()
+                    },
             ),
             (
                 "upstream (other than passthrough)",
@@ -200,6 +203,7 @@ impl Reloader {
             ),
             ("auth", old.auth != new.auth),
             ("cache.max_size", old.cache.max_size != new.cache.max_size),
+            ("log", old.log != new.log),
         ];
         for (key, changed) in needs_restart {
             if changed {
